@@ -17,7 +17,9 @@ def tiny_config(family: str):
 
     common = dict(vocab_size=96, pad_token_id=0, num_labels=1)
     if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=3, n_head=4, n_positions=128, **common)
+        return AutoConfig.for_model(
+            "gpt2", n_embd=32, n_layer=3, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=1, **common
+        )
     if family == "gpt_neox":
         return AutoConfig.for_model(
             "gpt_neox", hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -53,3 +55,37 @@ def random_batch(batch: int = 3, length: int = 10, vocab: int = 96, seed: int = 
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + ' <eos> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+WORDS = "the a cat dog sat on mat good bad answer question hello world yes no why because it is fine".split()
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """Return a whitespace word-level fast tokenizer with an eos token, no pad token and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_base_model(folder: Path, family: str = "llama", chat_template: bool = True, seed: int = 0) -> Path:
+    """Save a tiny random causal LM and its tokenizer as a Hugging Face folder; return the folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tiny_tokenizer(chat_template).save_pretrained(folder)
+    return folder

@@ -137,7 +137,7 @@ def convert_value(value, annotation, name: str):
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
-        raise UmmrmError(f"{name} must not be empty; give a {kind.__name__}.")
+        raise UmmrmError(f"{name} must not be empty; give a value of type {kind.__name__}.")
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -151,7 +151,7 @@ def convert_value(value, annotation, name: str):
             return ",".join(str(item) for item in value)
         return kind(value)
     except (TypeError, ValueError):
-        raise UmmrmError(f"{name}={value!r} is invalid: expected a {kind.__name__}.") from None
+        raise UmmrmError(f"{name}={value!r} is invalid: expected type {kind.__name__}.") from None
 
 
 def section_from_dict(cls, values: dict, prefix: str):

@@ -151,10 +151,16 @@ def create_reward_model(reference: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=torch.float32)
     if added:
-        # the new pad row is never read: pad positions are masked out and rewards are read at real tokens
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the input embeddings to hold a newly added pad token, if they are too small for it."""
+    # the new pad row is never read: pad positions are masked out and rewards are read at real tokens
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
 
 
 def is_moe_folder(folder: str | Path) -> bool:
@@ -173,13 +179,24 @@ def load_reward_model(reference: str):
     if is_moe_folder(resolved):
         model = _load_moe_model(Path(resolved))
     else:
+        _check_head(resolved, reference)
         model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=torch.float32)
         if added:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if model.config.num_labels != 1:
-        raise UmmrmError(f"{reference} has a head with {model.config.num_labels} outputs; a reward model has exactly 1.")
+            fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _check_head(resolved: str, reference: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolved)
+    is_classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+    if is_classifier and config.num_labels != 1:
+        raise UmmrmError(
+            f"{reference} has a classification head with {config.num_labels} outputs; a reward model has exactly 1. "
+            "Give a reward model, or the base causal LM to put a new head on it."
+        )
 
 
 def _load_moe_model(folder: Path):
