@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import IN_CI, SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 # in CI (CI=true) nothing here may skip: a missing package or data file fails the run instead
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not IN_CI and not HH_FILE.is_file(), reason=f"needs the real preference data at {HH_FILE}"),
