@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import threading
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from ummrm.errors import UmmrmError
 logger = logging.getLogger(__name__)
 
 METADATA_NAME = "ummrm.json"
+CHECKPOINTS_SUFFIX = ".checkpoints"
 EVALUATION_NAME = "evaluation.json"
 # an unperturbed upcycled model must give the dense model's rewards to this tolerance (fp32)
 UPCYCLE_TOLERANCE = 1e-5
@@ -159,10 +161,28 @@ def finished(folder: Path, settings: dict) -> bool:
 
 
 def save_stage(model, tokenizer, folder: Path, metadata: dict) -> None:
+    """Save a finished stage's model with its metadata, then drop its training checkpoints."""
     from ummrm.models import save_reward_model
 
     save_reward_model(model, tokenizer, folder)
     write_json(folder / METADATA_NAME, metadata)
+    shutil.rmtree(folder.with_name(folder.name + CHECKPOINTS_SUFFIX), ignore_errors=True)
+
+
+def checkpoint_folder(output: Path, settings: dict) -> Path:
+    """Return the checkpoint folder of a training stage, emptied first if it holds another run's checkpoints.
+
+    Checkpoints left by an interrupted run with the same settings are kept, so training resumes from them.
+    """
+    folder = output.with_name(output.name + CHECKPOINTS_SUFFIX)
+    marker = folder / "ummrm-settings.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
+        logger.warning("removing checkpoints in %s: they were made with other settings than this run's", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, settings)
+    return folder
 
 
 # ---------------------------------------------------------------- stages
@@ -177,7 +197,8 @@ def train_dense(model_reference: str, prepared: PreparedData, data_config: DataC
     skipped = Counter()
     pairs = encode_split(encoder, prepared, "train", skipped)
     settings = TrainSettings(**dataclasses.asdict(config))
-    summary = train_reward_model(model, tokenizer.pad_token_id, pairs, output.with_name(output.name + ".checkpoints"), settings)
+    checkpoints = checkpoint_folder(output, stage_settings(model_reference, data_config, dense=config))
+    summary = train_reward_model(model, tokenizer.pad_token_id, pairs, checkpoints, settings)
     if summary["is_world_process_zero"]:
         save_stage(model, tokenizer, output, {
             "stage": "dense",
@@ -248,7 +269,8 @@ def train_moe_model(model, tokenizer, prepared: PreparedData, data_config: DataC
     skipped = Counter()
     pairs = encode_split(encoder, prepared, "train", skipped)
     settings = TrainSettings(**dataclasses.asdict(config))
-    summary = train_reward_model(model, tokenizer.pad_token_id, pairs, output.with_name(output.name + ".checkpoints"), settings)
+    checkpoints = checkpoint_folder(output, metadata["settings"])
+    summary = train_reward_model(model, tokenizer.pad_token_id, pairs, checkpoints, settings)
     if summary["is_world_process_zero"]:
         save_stage(model, tokenizer, output, {**metadata, "moe": model.moe_settings.to_dict(), "text": encoder.describe(), "training": summary})
     return summary
