@@ -12,6 +12,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # in CI nothing that needs ../shared/data or the real model may skip
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
 
+# tiny models run thousands of times faster on one thread than on two contended ones
+torch.set_num_threads(1)
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
 
 

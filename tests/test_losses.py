@@ -41,7 +41,7 @@ def test_bradley_terry_tie_is_log2():
 
 
 def test_bradley_terry_large_margins_finite():
-    # a margin of -200 overflows exp(200) in fp32; the loss is then the margin's size, 200
+    # exp(200) overflows fp32, but the stable form gives the margin's size, 200
     loss = bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([100.0])).item()
     assert math.isfinite(loss), f"loss is {loss} for a margin of -200"
     assert abs(loss - 200.0) < 1e-4, f"loss {loss} != 200 for a margin of -200"

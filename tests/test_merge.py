@@ -302,7 +302,7 @@ def test_routing_statistics_ignore_padding():
 
 
 def test_routing_statistics_uniform_router():
-    # a zero router gives every expert probability 1/K; with top_k == K every expert gets weight 1/K
+    # a zero router gives every expert probability 1/K, so with top_k == K every expert gets weight 1/K
     model = routed_model(router_init_std=0.0, top_k=4)
 
     statistics = routing_statistics(model, [random_batch(batch=3, length=10, seed=0)])

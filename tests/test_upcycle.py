@@ -42,8 +42,11 @@ def rewards_of(model) -> torch.Tensor:
 
 @torch.no_grad()
 def randomise_mlp_biases(model) -> None:
-    """Give every MLP bias random values: Hugging Face initialises biases to zero, and a re-initialised
-    zero bias (mean 0, std 0) stays zero, which would hide whether its hidden units were re-initialised."""
+    """Give every MLP bias random values.
+
+    Hugging Face initialises biases to zero, and perturbation re-draws a unit with the tensor's mean and
+    std, so a zero bias stays zero and would hide which of its units were re-initialised.
+    """
     generator = torch.Generator().manual_seed(5)
     for layer in decoder_layers(model):
         for name, parameter in layer.mlp.named_parameters():
@@ -278,8 +281,9 @@ def test_perturbed_experts_differ(family):
             assert not torch.equal(experts[0][name], experts[1][name]), f"block {index}: experts 0 and 1 have the same {name}"
 
 
-def test_perturb_fraction_counts_units(family):
-    fraction = 0.25
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 1.0])
+def test_perturb_fraction_counts_units(family, fraction):
+    # 0.1 of 48, 64 and 128 units rounds to 5, 6 and 13
     model = tiny_reward_model(family)
     randomise_mlp_biases(model)
     upcycle(model, num_experts=2, top_k=1, perturb_fraction=fraction, seed=0)

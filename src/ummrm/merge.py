@@ -56,9 +56,10 @@ def routing_statistics(model: nn.Module, batches) -> dict[int, torch.Tensor]:
         mask = routing_mask(attention_mask)
         real_tokens += mask.sum().item()
         for index, moe in layers:
-            weights = torch.zeros(mask.shape[0], moe.num_experts, dtype=torch.float64)
+            # built on the model's device; only the per-block sums come back to the CPU
+            weights = torch.zeros(mask.shape[0], moe.num_experts, dtype=torch.float64, device=moe.selected_experts.device)
             weights.scatter_(1, moe.selected_experts, moe.routing_weights.double())
-            totals[index] += weights[mask].sum(dim=0)
+            totals[index] += weights[mask.to(weights.device)].sum(dim=0).cpu()
     if real_tokens == 0:
         raise UmmrmError("routing statistics saw no real tokens; give at least one non-empty pair.")
     return {index: (total / real_tokens).float() for index, total in totals.items()}
@@ -71,7 +72,8 @@ def merged_parameters(moe: MoEFeedForward, beta: torch.Tensor) -> dict[str, torc
     merged = {}
     for name, base in shared.items():
         deltas = torch.stack([expert[name] - base for expert in experts])  # (K, *shape)
-        merged[name] = base + (1.0 - moe.shared_rate) * torch.tensordot(beta.to(base.dtype), deltas, dims=1)
+        beta_like_base = beta.to(device=base.device, dtype=base.dtype)
+        merged[name] = base + (1.0 - moe.shared_rate) * torch.tensordot(beta_like_base, deltas, dims=1)
     return merged
 
 
@@ -99,7 +101,8 @@ def merge_model(model: nn.Module, betas: dict[int, torch.Tensor]) -> None:
 def _check_beta(beta: torch.Tensor, num_experts: int, index: int) -> None:
     if beta.shape != (num_experts,):
         raise UmmrmError(f"merge weights for block {index} have shape {tuple(beta.shape)}; expected ({num_experts},).")
-    if (beta < 0).any() or abs(beta.sum().item() - 1.0) > 1e-4:
+    # isfinite rejects NaN, which every `<` and `>` test lets through
+    if not (torch.isfinite(beta).all() and (beta >= 0).all() and abs(beta.sum().item() - 1.0) <= 1e-4):
         raise UmmrmError(f"merge weights for block {index} must be non-negative and sum to 1, got {beta.tolist()}.")
 
 

@@ -280,7 +280,7 @@ def merge(moe_folder: Path, prepared: PreparedData, data_config: DataConfig, con
     """Merge an MoE reward model into a dense one with uniform, frequency or learned weights, and save it."""
     from ummrm.merge import MERGE_METHODS, finish_learned_merge, frequency_betas, merge_model, prepare_learned_merge, routing_statistics, uniform_betas
     from ummrm.models import load_reward_model
-    from ummrm.rewards import pad_sequences
+    from ummrm.rewards import pad_sequences, score_sequences
     from ummrm.training import TrainSettings, train_reward_model
 
     if config.method not in MERGE_METHODS:
@@ -314,8 +314,34 @@ def merge(moe_folder: Path, prepared: PreparedData, data_config: DataConfig, con
         merge_model(model, betas)
     record["betas"] = {str(k): v.tolist() for k, v in betas.items()}
     logger.info("merged with %s weights: %s", config.method, {k: [round(x, 3) for x in v] for k, v in record["betas"].items()})
+
+    check_sequences = [sequence for pair in statistics_pairs[: CHECK_PAIRS // 2] for sequence in (pair.chosen_ids, pair.rejected_ids)]
+    before = score_sequences(model, check_sequences, tokenizer.pad_token_id)
     save_stage(model, tokenizer, output, {"stage": "merged", "settings": base_settings, "merge": record, "text": encoder.describe()})
+    record["reload_max_difference"] = check_plain_reload(output, check_sequences, before, tokenizer.pad_token_id)
+    write_json(output / METADATA_NAME, {**read_metadata(output), "merge": record})
     return record
+
+
+def check_plain_reload(folder: Path, sequences: list[list[int]], expected: list[float], pad_token_id: int) -> float:
+    """Load a merged folder with plain ``AutoModelForSequenceClassification`` and compare its rewards to ``expected``.
+
+    Returns the largest difference; a difference above ``UPCYCLE_TOLERANCE`` is an error.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from ummrm.rewards import pad_sequences
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id)
+    with torch.no_grad():
+        # plain transformers pools at the last token that is not the pad token
+        rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].tolist()
+    difference = max(abs(a - b) for a, b in zip(rewards, expected))
+    logger.info("merged folder reloaded with plain transformers: largest reward difference %.3g", difference)
+    if difference > UPCYCLE_TOLERANCE:
+        raise UmmrmError(f"the merged folder {folder} gives rewards that differ by {difference:.3g} under plain transformers; please report this as a bug.")
+    return difference
 
 
 def evaluate_folder(folder: Path, prepared: PreparedData, data_config: DataConfig, config: EvaluateConfig, split: str = "eval") -> dict:

@@ -58,6 +58,12 @@ class RewardEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if not 0 <= self.max_prompt_length < max_length:
+            # a prompt allowed all max_length tokens would leave no room for the response, whose end carries the reward
+            raise UmmrmError(
+                f"max_prompt_length={self.max_prompt_length} is invalid: it must be between 0 and {max_length - 1} "
+                f"(max_length - 1), so that the end of the response stays in the text."
+            )
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if text_format == "auto":
             text_format = "chat" if has_template else "plain"
@@ -147,6 +153,8 @@ class RewardEncoder:
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token id lists into ``(input_ids, attention_mask)`` tensors of shape (batch, longest)."""
+    if padding_side not in ("right", "left"):
+        raise UmmrmError(f"padding_side={padding_side!r} is invalid; use 'right' or 'left'.")
     longest = max(len(sequence) for sequence in sequences)
     input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)

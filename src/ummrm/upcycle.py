@@ -70,9 +70,11 @@ def build_moe_layers(model: nn.Module, settings: MoESettings) -> None:
     validate_settings(settings.num_experts, settings.num_experts_per_tok, settings.shared_rate)
     layers = decoder_layers(model)
     hidden_size = model.config.get_text_config().hidden_size
-    for index in settings.layers:
-        mlp = layer_mlp(layers[index], index)
+    # check every block before replacing any, so that an unsupported block leaves the model dense
+    mlps = {index: layer_mlp(layers[index], index) for index in settings.layers}
+    for mlp in mlps.values():
         mlp_family(mlp)
+    for index, mlp in mlps.items():
         layers[index].mlp = MoEFeedForward(
             mlp, hidden_size, settings.num_experts, settings.num_experts_per_tok, settings.shared_rate
         )
