@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -175,6 +176,9 @@ def checkpoint_folder(output: Path, settings: dict) -> Path:
     Checkpoints left by an interrupted run with the same settings are kept, so training resumes from them.
     """
     folder = output.with_name(output.name + CHECKPOINTS_SUFFIX)
+    if not is_main_process():
+        # under `accelerate launch` only the first process tidies the folder; the Trainer writes there from rank 0
+        return folder
     marker = folder / "ummrm-settings.json"
     settings = json.loads(json.dumps(settings, default=str))
     if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
@@ -183,6 +187,11 @@ def checkpoint_folder(output: Path, settings: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(marker, settings)
     return folder
+
+
+def is_main_process() -> bool:
+    """Tell whether this is the first process of a distributed launch (or the only process)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 # ---------------------------------------------------------------- stages

@@ -239,7 +239,6 @@ def train_reward_model(
     trainable = freeze_lower_layers(model, settings.trainable_layers) if not _has_merge_logits(model) else sum(
         parameter.numel() for parameter in model.parameters() if parameter.requires_grad
     )
-    logger.info("training %d pairs, %d trainable parameters", len(pairs), trainable)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     arguments = training_arguments(checkpoint_dir, settings, save_checkpoints)
@@ -249,6 +248,10 @@ def train_reward_model(
         train_dataset=PairDataset(pairs),
         data_collator=PairCollator(pad_token_id),
         settings=settings,
+    )
+    logger.info(
+        "process %d of %d: training %d pairs, %d trainable parameters",
+        arguments.process_index, arguments.world_size, len(pairs), trainable,
     )
     resume = get_last_checkpoint(str(checkpoint_dir)) if save_checkpoints else None
     if resume:
