@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--config", default=None, help="YAML config (see configs/); flags below override it")
     command.add_argument("--model", default=None, help="base model (overrides the config's `model`)")
     command.add_argument("--output-dir", "--output", dest="output_dir", default=None, help="output folder (overrides the config's `output_dir`)")
+    command.add_argument("--until", default="merged", choices=("dense", "moe", "merged"), help="last stage to run; the models made up to it are evaluated (default: merged)")
     for name, cls in SECTIONS.items():
         if name == "data":
             _add_data_arguments(command, "data")
@@ -190,9 +191,13 @@ def run_pipeline_command(arguments) -> int:
         config.output_dir = convert_value(arguments.output_dir, str, "--output-dir")
     for name in SECTIONS:
         apply_section_arguments(getattr(config, name), arguments, name)
-    metrics = run_pipeline(config)
+    metrics = run_pipeline(config, until=arguments.until)
+    if "accuracy" not in metrics:
+        # a secondary process of a distributed launch: the first process prints the results
+        return 0
     print()
-    print(f"held-out accuracy ({metrics['data']['source']}, {metrics['accuracy']['dense']['pairs']} pairs):")
+    first = next(iter(metrics["accuracy"].values()))
+    print(f"held-out accuracy ({metrics['data']['source']}, {first['pairs']} pairs):")
     print(accuracy_table(metrics))
     seconds = {name: record.get("seconds") for name, record in metrics["stages"].items()}
     print("stage seconds: " + ", ".join(f"{name} {value}" for name, value in seconds.items()))

@@ -9,6 +9,7 @@ weights, outputs checked equal) in the ummrm cache and that folder is used from 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -79,13 +80,22 @@ def resolve_model(reference: str) -> str:
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file into a plain safetensors folder in the cache, once, and return the folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / WEIGHTS_NAME).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # processes of one `accelerate launch` all resolve the model at once: one converts, the others wait
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / WEIGHTS_NAME).is_file():
+            _convert_gguf_into(gguf_path, target)
+    return target
+
+
+def _convert_gguf_into(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s into a safetensors folder at %s (once)", gguf_path, target)
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -105,7 +115,6 @@ def convert_gguf(gguf_path: Path) -> Path:
     tokenizer.save_pretrained(staging)
     _check_conversion(quantized, tokenizer, staging)
     staging.rename(target)
-    return target
 
 
 def _check_conversion(original, tokenizer, folder: Path) -> None:

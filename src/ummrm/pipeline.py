@@ -189,6 +189,12 @@ def checkpoint_folder(output: Path, settings: dict) -> Path:
     return folder
 
 
+def wait_for_other_processes() -> None:
+    """Block until every process of a distributed launch gets here; a single process returns at once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def is_main_process() -> bool:
     """Tell whether this is the first process of a distributed launch (or the only process)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -324,6 +330,8 @@ def merge(moe_folder: Path, prepared: PreparedData, data_config: DataConfig, con
     record["betas"] = {str(k): v.tolist() for k, v in betas.items()}
     logger.info("merged with %s weights: %s", config.method, {k: [round(x, 3) for x in v] for k, v in record["betas"].items()})
 
+    if not is_main_process():
+        return record
     check_sequences = [sequence for pair in statistics_pairs[: CHECK_PAIRS // 2] for sequence in (pair.chosen_ids, pair.rejected_ids)]
     before = score_sequences(model, check_sequences, tokenizer.pad_token_id)
     save_stage(model, tokenizer, output, {"stage": "merged", "settings": base_settings, "merge": record, "text": encoder.describe()})
@@ -380,8 +388,18 @@ def stage_settings(model_reference: str, data_config: DataConfig, **sections) ->
 
 # ---------------------------------------------------------------- pipeline
 
-def run_pipeline(config: PipelineConfig) -> dict:
-    """Run dense training, upcycling, MoE training, merging and evaluation into ``config.output_dir``."""
+STAGES = ("dense", "moe", "merged")
+
+
+def run_pipeline(config: PipelineConfig, until: str = "merged") -> dict:
+    """Run dense training, upcycling, MoE training, merging and evaluation into ``config.output_dir``.
+
+    ``until`` names the last stage to run (``dense``, ``moe`` or ``merged``); the models made up to it
+    are evaluated. Under ``accelerate launch`` every process trains, the first one alone saves and
+    evaluates, and the processes wait for each other between stages.
+    """
+    if until not in STAGES:
+        raise UmmrmError(f"until={until!r} is invalid; choose one of {', '.join(STAGES)}.")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     metrics_path = output / "metrics.json"
@@ -401,21 +419,25 @@ def run_pipeline(config: PipelineConfig) -> dict:
     dense_settings = stage_settings(config.model, config.data, dense=config.dense)
     moe_settings = stage_settings(config.model, config.data, dense=config.dense, upcycle=config.upcycle, moe=config.moe)
     merge_settings = {**moe_settings, "merge": dataclasses.asdict(config.merge)}
-    folders = {name: output / name for name in ("dense", "moe", "merged")}
+    folders = {name: output / name for name in STAGES[: STAGES.index(until) + 1]}
 
     stages = [
         ("dense", dense_settings, lambda: train_dense(config.model, prepared, config.data, config.dense, folders["dense"])),
         ("moe", moe_settings, lambda: train_moe(folders["dense"], prepared, config.data, config.upcycle, config.moe, folders["moe"], moe_settings)),
         ("merged", merge_settings, lambda: merge(folders["moe"], prepared, config.data, config.merge, folders["merged"], merge_settings)),
     ]
-    for name, settings, run in stages:
+    for name, settings, run in stages[: len(folders)]:
         if finished(folders[name], settings):
             logger.info("stage %s is complete in %s; not running it again", name, folders[name])
             continue
         logger.info("stage %s: starting", name)
         with measure(metrics["stages"].setdefault(name, {})) as record:
             record["result"] = run()
-        write_json(metrics_path, metrics)
+        wait_for_other_processes()
+        if is_main_process():
+            write_json(metrics_path, metrics)
+    if not is_main_process():
+        return {key: value for key, value in metrics.items() if key != "accuracy"}
 
     # skip counts: the loader's, plus pairs that the tokenizer's truncation made identical, in every split
     from ummrm.models import load_tokenizer

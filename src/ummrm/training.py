@@ -176,6 +176,8 @@ def _trainer_class():
         def _save(self, output_dir=None, state_dict=None):
             # save_pretrained does not know the MoE modules, so MoE checkpoints are written as plain
             # safetensors of every tensor, which Trainer's resumption loads back by name
+            # NOTE: under DeepSpeed ZeRO-3 each process holds only a shard of each tensor, so this would
+            # save shards; MoE stages under ZeRO-3 need the state dict gathered first (not done yet).
             model = self.accelerator.unwrap_model(self.model)
             if getattr(model, "moe_settings", None) is None:
                 return super()._save(output_dir, state_dict)
