@@ -68,6 +68,7 @@ def test_pipeline_writes_every_stage(finished_run):
         assert saved["stages"][stage]["peak_rss_mib"] > 0
     assert saved["config"]["upcycle"]["num_experts"] == 3
     assert saved["versions"]["torch"]
+    assert saved["seeds"]["upcycle"] == config.upcycle.seed
     assert saved["data"]["splits"]["eval"] > 0
 
 

@@ -405,6 +405,10 @@ def run_pipeline(config: PipelineConfig, until: str = "merged") -> dict:
     metrics_path = output / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics.update({"config": config.to_dict(), "versions": library_versions()})
+    metrics["seeds"] = {
+        "split": config.data.split_seed, "dense": config.dense.seed, "upcycle": config.upcycle.seed,
+        "moe": config.moe.seed, "merge": config.merge.seed, "evaluate": config.evaluate.seed,
+    }
     metrics.setdefault("stages", {})
     torch.manual_seed(config.dense.seed)
 
