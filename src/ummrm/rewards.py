@@ -114,6 +114,11 @@ class RewardEncoder:
             text, add_special_tokens=self.text_format == "plain", return_offsets_mapping=True
         )
         ids = encoding["input_ids"]
+        if self.pad_token_id in ids:
+            raise UmmrmError(
+                f"the text contains the pad token {self.tokenizer.pad_token!r}, which would make the reward depend on "
+                f"padding; remove it from the data. Text starts: {text[:80]!r}"
+            )
         if len(ids) <= self.max_length:
             return ids
         split = next((i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > response_start), len(ids))
@@ -182,6 +187,19 @@ def compute_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last_hidden = hidden[rows, last_token_index(attention_mask)]  # (batch, hidden)
     return model.score(last_hidden).squeeze(-1).float()
+
+
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return the rewards (batch,) through the model's own forward, as training needs.
+
+    A DDP or DeepSpeed wrapper synchronises gradients only through its ``forward``, so training calls
+    the wrapped model itself. Its pooling reads the last token that is not the pad token, which is the
+    last real token because ummrm's pad token never occurs in the text (``RewardEncoder`` rejects
+    text that contains it). Position ids come from the mask, as in ``compute_rewards``.
+    """
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return outputs.logits[:, 0].float()
 
 
 @torch.no_grad()

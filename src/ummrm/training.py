@@ -22,7 +22,7 @@ from ummrm.errors import UmmrmError
 from ummrm.families import decoder_layers
 from ummrm.losses import bradley_terry_loss, centering_loss, expert_slot_fractions, load_balancing_loss
 from ummrm.moe import moe_layers, routing_mask
-from ummrm.rewards import EncodedPair, compute_rewards, pad_sequences
+from ummrm.rewards import EncodedPair, forward_rewards, pad_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             attention_mask = inputs["attention_mask"]
-            rewards = compute_rewards(model, inputs["input_ids"], attention_mask)
+            rewards = forward_rewards(model, inputs["input_ids"], attention_mask)
             chosen, rejected = rewards.chunk(2)
 
             loss = bradley_terry_loss(chosen, rejected)
@@ -191,7 +191,7 @@ def _trainer_class():
     return RewardModelTrainer
 
 
-def training_arguments(output_dir: Path, settings: TrainSettings, save_checkpoints: bool = True):
+def training_arguments(output_dir: Path, settings: TrainSettings, save_checkpoints: bool = True, has_experts: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -215,9 +215,8 @@ def training_arguments(output_dir: Path, settings: TrainSettings, save_checkpoin
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
-        # the reward is read from the backbone and the score head only; the rest of the model (an
-        # LM head, say) may get no gradient under DDP
-        ddp_find_unused_parameters=False,
+        # under DDP a routed expert that no token chose in a step has no gradient, which DDP must be told
+        ddp_find_unused_parameters=has_experts,
     )
 
 
@@ -243,7 +242,7 @@ def train_reward_model(
     )
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    arguments = training_arguments(checkpoint_dir, settings, save_checkpoints)
+    arguments = training_arguments(checkpoint_dir, settings, save_checkpoints, has_experts=bool(moe_layers(model)))
     trainer = _trainer_class()(
         model=model,
         args=arguments,
