@@ -22,7 +22,7 @@ from ummrm.errors import UmmrmError
 
 @dataclass(frozen=True)
 class MLPFamily:
-    """How one MLP class stores its weights."""
+    """Weight layout of one MLP class."""
 
     name: str
     # parameter name -> axis of the intermediate dimension, for the tensors that have one. Biases of

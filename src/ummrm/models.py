@@ -132,7 +132,7 @@ def _check_conversion(original, tokenizer, folder: Path) -> None:
 def load_tokenizer(reference: str):
     """Load a tokenizer and make sure it has a pad token distinct from its end-of-sequence token.
 
-    Returns ``(tokenizer, added)`` where ``added`` tells whether a pad token was added, so that the
+    Returns ``(tokenizer, added)`` where ``added`` is True when a pad token was added, so that the
     model's embeddings must grow by one row.
     """
     from transformers import AutoTokenizer
@@ -141,7 +141,7 @@ def load_tokenizer(reference: str):
     added = False
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # a pad equal to eos makes pad-id pooling (used by plain transformers) skip real end-of-turn
-        # tokens; a token of its own keeps plain transformers and ummrm reading the same position
+        # tokens, so a token of its own keeps plain transformers and ummrm reading the same position
         added = tokenizer.add_special_tokens({"pad_token": PAD_TOKEN}) > 0
         tokenizer.pad_token = PAD_TOKEN
     tokenizer.padding_side = "right"
@@ -239,8 +239,8 @@ def save_reward_model(model, tokenizer, folder: str | Path) -> None:
     if settings is None:
         model.save_pretrained(staging)
     else:
-        # save_pretrained does not know the MoE modules; safetensors stores every tensor by name and
-        # moe_config.json says how to rebuild the modules before loading them
+        # save_pretrained does not know the MoE modules, so safetensors stores every tensor by name and
+        # moe_config.json records how to rebuild the modules before loading them
         model.config.save_pretrained(staging)
         save_model(model, str(staging / WEIGHTS_NAME))
         (staging / MOE_CONFIG_NAME).write_text(json.dumps(settings.to_dict(), indent=2))

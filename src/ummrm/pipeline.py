@@ -7,8 +7,8 @@ Output folder of ``run_pipeline``::
     merged/    the merged dense reward model, with merge.json
     metrics.json
 
-Each stage folder is written under a temporary name and renamed when complete, and carries an
-``ummrm.json`` with the settings that made it; a stage whose folder is complete is not run again.
+Each stage folder is written under a temporary name and renamed when complete. It carries an
+``ummrm.json`` with the settings that made it, and a stage whose folder is complete is not run again.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def save_stage(model, tokenizer, folder: Path, metadata: dict) -> None:
 
 
 def checkpoint_folder(output: Path, settings: dict) -> Path:
-    """Return the checkpoint folder of a training stage, emptied first if it holds another run's checkpoints.
+    """Return the checkpoint folder of a training stage, emptied first if it contains another run's checkpoints.
 
     Checkpoints left by an interrupted run with the same settings are kept, so training resumes from them.
     """
@@ -229,7 +229,7 @@ def train_dense(model_reference: str, prepared: PreparedData, data_config: DataC
 def upcycle_model(dense_folder: Path, config: UpcycleConfig, check_pairs: list | None, data_config: DataConfig):
     """Load a dense reward model, upcycle it and compare rewards on a few pairs.
 
-    Returns ``(model, tokenizer, check)`` where ``check`` holds the largest reward difference.
+    Returns ``(model, tokenizer, check)`` where ``check`` contains the largest reward difference.
     """
     from ummrm.models import load_reward_model
     from ummrm.rewards import score_sequences

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    """What one training stage needs; the config module documents each field for users."""
+    """Settings of one training stage; the config module documents each field for users."""
 
     learning_rate: float = 1e-5
     epochs: float = 1.0
@@ -215,7 +215,7 @@ def training_arguments(output_dir: Path, settings: TrainSettings, save_checkpoin
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
-        # under DDP a routed expert that no token chose in a step has no gradient, which DDP must be told
+        # under DDP a routed expert that no token chose in a step has no gradient, and DDP must expect that
         ddp_find_unused_parameters=has_experts,
     )
 
