@@ -27,6 +27,12 @@ DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
 # Real preference data, expected beside the repository as for the integration tests.
 HH_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MODEL_ALIAS = "smollm2-135m-instruct"
+# A LlamaConfig reward model small enough for seconds of runtime, for --quick; the vocabulary comes from
+# the real tokenizer.
+QUICK_REWARD_CONFIG = dict(
+    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=512, num_labels=1,
+)
 
 RESULTS_HEADER = """\
 # Benchmark results

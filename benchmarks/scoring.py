@@ -23,11 +23,6 @@ import common  # noqa: E402
 TARGET_MERGED_VS_DENSE = 0.98
 TARGET_MERGED_VS_ENSEMBLE = 2.8
 ENSEMBLE_SEEDS = (0, 1, 2)
-# A LlamaConfig small enough for seconds of runtime, for --quick. The vocabulary is the real tokenizer's.
-QUICK_CONFIG = dict(
-    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, max_position_embeddings=512, num_labels=1,
-)
 
 
 def parse_arguments(argv=None):
@@ -66,7 +61,7 @@ def build_dense(arguments, seed: int):
         return model.eval(), tokenizer
     tokenizer, _ = load_tokenizer(resolve_model(arguments.model))
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **QUICK_CONFIG)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **common.QUICK_REWARD_CONFIG)
     return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval(), tokenizer
 
 

@@ -24,11 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TARGET = 1.0
-# A LlamaConfig small enough for seconds of runtime, for --quick. The vocabulary is the real tokenizer's.
-QUICK_CONFIG = dict(
-    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, max_position_embeddings=512, num_labels=1,
-)
 
 
 def parse_arguments(argv=None):
@@ -62,7 +57,7 @@ def build_model(arguments):
         return create_reward_model(arguments.model, seed=arguments.seed)
     tokenizer, _ = load_tokenizer(resolve_model(arguments.model))
     torch.manual_seed(arguments.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **QUICK_CONFIG)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **common.QUICK_REWARD_CONFIG)
     return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32), tokenizer
 
 

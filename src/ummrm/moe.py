@@ -44,10 +44,12 @@ class MoEFeedForward(nn.Module):
     """A feed-forward block made of one shared expert and ``num_experts`` routed experts.
 
     Each routed expert and the shared expert is a copy of the model's own MLP module, so the layer works
-    for every supported MLP family without knowing its weights. The layer keeps the router logits and
-    the chosen experts of its last forward pass (``router_logits``, ``selected_experts``) so that the
-    load-balancing loss and the routing statistics can be computed outside with the attention mask: the
-    block itself does not see which tokens are padding.
+    for every supported MLP family without knowing its weights.
+
+    The layer keeps the router logits and the chosen experts of its last forward pass
+    (``router_logits``, ``selected_experts``). The load-balancing loss and the routing statistics are
+    computed from them outside the layer, because only the caller has the attention mask that marks
+    padding.
     """
 
     def __init__(

@@ -39,8 +39,8 @@ class EncodedPair:
 class RewardEncoder:
     """Turns (prompt, response) into token ids the same way for training, evaluation and scoring.
 
-    ``text_format`` chooses how the text is built: ``chat`` applies the tokenizer's own chat template to
-    the prompt messages plus an assistant message; ``plain`` concatenates ``prompt_text + response``;
+    ``text_format`` chooses how the text is built. ``chat`` applies the tokenizer's own chat template to
+    the prompt messages plus an assistant message. ``plain`` concatenates ``prompt_text + response``.
     ``auto`` uses ``chat`` when the tokenizer has a template and ``plain`` otherwise.
 
     Sequences longer than ``max_length`` tokens lose the beginning of the prompt first (down to

@@ -95,10 +95,10 @@ def upcycle(
     """Upcycle a dense reward model in place and return the settings used.
 
     ``router_init_std`` is the standard deviation of the router's initial weights (0 gives a uniform
-    router). ``perturb_fraction`` re-initialises that fraction of each routed expert's hidden units
-    and ``perturb_noise`` adds Gaussian noise of that size relative to each weight's standard
-    deviation; both break the symmetry between experts and make the upcycled model differ from the
-    dense one. All random steps draw from ``seed``.
+    router). ``perturb_fraction`` re-initialises that fraction of each routed expert's hidden units.
+    ``perturb_noise`` adds Gaussian noise of that size relative to each weight's standard deviation.
+    Both break the symmetry between experts, so the upcycled model then differs from the dense one.
+    All random steps draw from ``seed``.
     """
     if getattr(model, "moe_settings", None) is not None:
         raise UmmrmError("this model is already upcycled; upcycle a dense reward model.")
