@@ -167,9 +167,15 @@ def create_reward_model(reference: str, seed: int = 0):
 
 def fit_embeddings(model, tokenizer) -> None:
     """Grow the input embeddings to hold a newly added pad token, if they are too small for it."""
-    # the new pad row is never read: pad positions are masked out and rewards are read at real tokens
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    # the new pad row is never read: pad positions are masked out and rewards are read at real tokens.
+    # It is set to zeros so that models built from one base with different seeds keep equal
+    # embeddings, which lets their frozen trunks be compared and shared (see ummrm.trunk).
+    embeddings = model.get_input_embeddings()
+    old_size = embeddings.num_embeddings
+    if len(tokenizer) > old_size:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[old_size:].zero_()
 
 
 def is_moe_folder(folder: str | Path) -> bool:
