@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-length", type=int, default=512, help="tokens per prompt+response (default: 512)")
     command.add_argument("--text-format", default="auto", choices=("auto", "chat", "plain"), help="how text is built (default: auto)")
 
+    from ummrm.serving import TOKEN_ENVIRONMENT_VARIABLE, ServeSettings
+
+    serve_defaults = ServeSettings()
+    command = commands.add_parser("serve", help="serve rewards over HTTP (POST /get_reward for OpenRLHF's --remote_rm_url, POST /score)")
+    command.add_argument("--model", required=True, help="reward model folder (dense, MoE or merged)")
+    command.add_argument("--host", default=serve_defaults.host, help=f"address to listen on; any address but a loopback one needs a bearer token (default: {serve_defaults.host})")
+    command.add_argument("--port", type=int, default=serve_defaults.port, help=f"TCP port; 0 picks a free one (default: {serve_defaults.port})")
+    command.add_argument("--token-file", default=None, help=f"file holding the bearer token that clients must send as `Authorization: Bearer <token>` (default: ${TOKEN_ENVIRONMENT_VARIABLE}, else no token)")
+    command.add_argument("--max-items", type=int, default=serve_defaults.max_items, help=f"texts or rows per request (default: {serve_defaults.max_items})")
+    command.add_argument("--max-body-bytes", type=int, default=serve_defaults.max_body_bytes, help=f"bytes per request body (default: {serve_defaults.max_body_bytes})")
+    command.add_argument("--max-tokens", type=int, default=serve_defaults.max_tokens, help=f"tokens per text before truncation to --max-length; a longer text is rejected (default: {serve_defaults.max_tokens})")
+    command.add_argument("--batch-size", type=int, default=serve_defaults.batch_size, help=f"sequences per forward pass (default: {serve_defaults.batch_size})")
+    command.add_argument("--max-wait-ms", type=float, default=serve_defaults.max_wait_ms, help=f"milliseconds the model waits for other requests to fill a batch (default: {serve_defaults.max_wait_ms:g})")
+    command.add_argument("--max-length", type=int, default=serve_defaults.max_length, help=f"tokens per text after truncation, as for `ummrm score` (default: {serve_defaults.max_length})")
+    command.add_argument("--text-format", default=serve_defaults.text_format, choices=("auto", "chat", "plain"), help="how /score builds text from a prompt and response; /get_reward always reads plain text (default: auto)")
+
     command = commands.add_parser("pipeline", help="run train-dense, upcycle, train-moe, merge and evaluate into one folder")
     command.add_argument("--config", default=None, help="YAML config (see configs/); flags below override it")
     command.add_argument("--model", default=None, help="base model (overrides the config's `model`)")
@@ -93,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
             _add_data_arguments(command, "data")
         else:
             add_section_arguments(command, cls, name)
+
+    from ummrm.overopt import SECTIONS as OVEROPT_SECTIONS
+
+    command = commands.add_parser("overopt", help="measure reward over-optimisation: gold model, proxies of every kind, Best-of-N, report")
+    command.add_argument("--config", default=None, help="YAML config (see configs/overopt-*.yaml); flags below override it")
+    command.add_argument("--model", default=None, help="base model of the proxies (overrides the config's `model`)")
+    command.add_argument("--output-dir", "--output", dest="output_dir", default=None, help="output folder (overrides the config's `output_dir`)")
+    command.add_argument("--dry-run", action="store_true", help="check the config and every reference, print the planned work, and run nothing")
+    for name, cls in OVEROPT_SECTIONS.items():
+        add_section_arguments(command, cls, name)
+
+    from ummrm.rl import add_rl_arguments
+
+    command = commands.add_parser("rl", help="optimise a policy against a proxy reward model (RLOO with a KL penalty), logging the gold score and the KL")
+    add_rl_arguments(command)
     return parser
 
 
@@ -181,6 +212,57 @@ def run_score(arguments) -> int:
     return 0
 
 
+def run_serve(arguments) -> int:
+    from ummrm.serving import ServeSettings, read_token, serve
+
+    settings = ServeSettings(
+        host=arguments.host, port=arguments.port, token=read_token(arguments.token_file), max_items=arguments.max_items,
+        max_body_bytes=arguments.max_body_bytes, max_tokens=arguments.max_tokens, batch_size=arguments.batch_size,
+        max_wait_ms=arguments.max_wait_ms, max_length=arguments.max_length, text_format=arguments.text_format,
+    )
+    serve(arguments.model, settings)
+    return 0
+
+
+def run_overopt_command(arguments) -> int:
+    from ummrm.overopt import GENERATED_DATA_SOURCE, SECTIONS as OVEROPT_SECTIONS, load_overopt_config, plan_overopt, run_overopt
+
+    config = load_overopt_config(arguments.config)
+    if arguments.model is not None:
+        config.model = convert_value(arguments.model, str, "--model")
+    if arguments.output_dir is not None:
+        config.output_dir = convert_value(arguments.output_dir, str, "--output-dir")
+    if getattr(arguments, "data__source", None) is not None:
+        raise UmmrmError(f"--data.source cannot be set: the proxies learn from the preferences the run writes to {GENERATED_DATA_SOURCE}.")
+    for name in OVEROPT_SECTIONS:
+        apply_section_arguments(getattr(config, name), arguments, name)
+    if arguments.dry_run:
+        print("\n".join(plan_overopt(config)))
+        print("dry run: the config is valid; nothing was run")
+        return 0
+    record = run_overopt(config)
+    from ummrm.report import markdown_table
+
+    print(markdown_table(record["summary"], [("method", "method"), ("gold N=1", "gold_n1"), ("gold at largest N", "gold_at_largest_n"),
+                                     ("peak gold", "peak_gold"), ("peak N", "peak_n")]))
+    print(f"report: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+def run_rl(arguments) -> int:
+    from ummrm import rl
+
+    if arguments.plot_only is not None:
+        print(f"plot: {rl.plot_runs(arguments.plot_only, arguments.plot_output)}")
+        return 0
+    record = rl.run_rl(rl.config_from_arguments(arguments))
+    if record.get("status") == "complete":
+        # secondary processes of a distributed launch return the record of a run still going
+        print(json.dumps({key: record.get(key) for key in ("steps", "seconds", "seconds_per_step", "last_row")}, indent=2))
+        print(f"outputs in {record['config']['output_dir']}")
+    return 0
+
+
 def run_pipeline_command(arguments) -> int:
     from ummrm.pipeline import accuracy_table, run_pipeline
 
@@ -216,7 +298,10 @@ COMMANDS = {
     "merge": run_merge,
     "evaluate": run_evaluate,
     "score": run_score,
+    "serve": run_serve,
     "pipeline": run_pipeline_command,
+    "overopt": run_overopt_command,
+    "rl": run_rl,
 }
 
 
