@@ -51,6 +51,7 @@ their numbers do not show whether a target is met.
 | `trl_throughput.py` | dense reward-model training throughput (pairs/s) of `ummrm.training.train_reward_model` against TRL's `RewardTrainer` on the same model, pairs and settings | ummrm/TRL pairs/s ≥ 1.0 |
 | `scoring.py` | scoring throughput (responses/s) of the merged, dense and unmerged MoE models and of an ensemble of 3 dense models | merged ≥ 0.98 × dense, merged ≥ 2.8 × ensemble |
 | `stage_memory.py` | peak resident memory and seconds of each pipeline stage, read from a pipeline's `metrics.json` | none (a record) |
+| `load.py` | requests/s, items/s, p50 and p99 latency and errors of a running `ummrm serve` under concurrent `/get_reward` clients on loopback | none (a record) |
 
 Re-run a benchmark from the repository root with its virtual environment active:
 
