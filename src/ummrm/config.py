@@ -166,30 +166,40 @@ def section_from_dict(cls, values: dict, prefix: str):
     return cls(**{key: convert_value(value, hints[key], f"{prefix}.{key}") for key, value in values.items()})
 
 
-def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
-    """Read a YAML pipeline config; a missing file or an unknown key is an error."""
-    if path is None:
-        return PipelineConfig()
+def read_config_file(path: str | Path, presets: str) -> dict:
+    """Read a YAML config file into a mapping; a missing file or invalid YAML is an error naming ``presets``."""
     path = Path(path)
     if not path.is_file():
-        raise UmmrmError(f"config file {path} not found; the presets are in the configs/ folder of the ummrm repository.")
+        raise UmmrmError(f"config file {path} not found; the presets are {presets} in the ummrm repository.")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UmmrmError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise UmmrmError(f"config file {path} must contain a mapping at the top level.")
-    top_level = {"model", "output_dir"}
-    unknown = sorted(set(raw) - top_level - set(SECTIONS))
+    return raw
+
+
+def apply_config_mapping(config, raw: dict, sections: dict[str, type], top_level: tuple[str, ...], described: str):
+    """Set the top-level strings and the sections of ``config`` from a mapping; unknown keys are errors."""
+    known = set(top_level) | set(sections)
+    unknown = sorted(set(raw) - known)
     if unknown:
-        raise UmmrmError(f"unknown key(s) {', '.join(unknown)} in {path}; known keys: {', '.join(sorted(top_level | set(SECTIONS)))}.")
-    config = PipelineConfig()
-    for key in top_level & set(raw):
+        raise UmmrmError(f"unknown key(s) {', '.join(unknown)} in {described}; known keys: {', '.join(sorted(known))}.")
+    for key in set(top_level) & set(raw):
         setattr(config, key, convert_value(raw[key], str, key))
-    for name, cls in SECTIONS.items():
+    for name, cls in sections.items():
         if name in raw:
             setattr(config, name, section_from_dict(cls, raw[name] or {}, name))
     return config
+
+
+def load_pipeline_config(path: str | Path | None) -> PipelineConfig:
+    """Read a YAML pipeline config; a missing file or an unknown key is an error."""
+    if path is None:
+        return PipelineConfig()
+    raw = read_config_file(path, "configs/quickstart.yaml and configs/smoke.yaml")
+    return apply_config_mapping(PipelineConfig(), raw, SECTIONS, ("model", "output_dir"), str(path))
 
 
 def add_section_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:

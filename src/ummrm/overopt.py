@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ummrm.config import (
     DataConfig,
@@ -45,11 +44,12 @@ from ummrm.config import (
     MoEConfig,
     PipelineConfig,
     UpcycleConfig,
-    convert_value,
+    apply_config_mapping,
     option,
-    section_from_dict,
+    read_config_file,
 )
 from ummrm.errors import UmmrmError
+from ummrm.prompts import PromptSourceConfig
 from ummrm.trunk import TrunkCache
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,7 @@ class PolicyConfig:
 
 
 @dataclass
-class PromptsConfig:
-    source: str = option("Anthropic/hh-rlhf", "prompts: an instruction file (instruction, input), a prompt file, or any preference source")
-    hub_config: str | None = option(None, "Hub dataset configuration name")
-    data_dir: str | None = option("harmless-base", "folder inside the Hub dataset; ignored for local files")
-    hub_split: str = option("train", "Hub dataset split")
-    max_rows: int | None = option(None, "read at most this many rows (none: all)")
+class PromptsConfig(PromptSourceConfig):
     num_train: int | None = option(512, "training prompts: the policy samples two responses to each for the proxies' labels (none: all not held out)")
     num_held_out: int = option(64, "held-out prompts for Best-of-N")
     seed: int = option(0, "seed of the split by prompt")
@@ -152,34 +147,17 @@ class OveroptConfig:
 
 def load_overopt_config(path: str | Path | None) -> OveroptConfig:
     """Read a YAML experiment config; a missing file, an unknown key or a bad value is an error."""
-    config = OveroptConfig()
     if path is None:
-        return config
-    path = Path(path)
-    if not path.is_file():
-        raise UmmrmError(f"config file {path} not found; the presets are configs/overopt-*.yaml in the ummrm repository.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UmmrmError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise UmmrmError(f"config file {path} must contain a mapping at the top level.")
-    top_level = {"model", "output_dir"}
-    unknown = sorted(set(raw) - top_level - set(SECTIONS))
-    if unknown:
-        raise UmmrmError(f"unknown key(s) {', '.join(unknown)} in {path}; known keys: {', '.join(sorted(top_level | set(SECTIONS)))}.")
-    for key in top_level & set(raw):
-        setattr(config, key, convert_value(raw[key], str, key))
-    for name, cls in SECTIONS.items():
-        if name in raw:
-            values = raw[name] or {}
-            if name == "data" and isinstance(values, dict) and "source" in values:
-                raise UmmrmError(f"data.source cannot be set in {path}: the proxies learn from the preferences the run writes to {GENERATED_DATA_SOURCE}.")
-            section = section_from_dict(cls, values, name)
-            if name == "data":
-                section.source = GENERATED_DATA_SOURCE
-                section.data_dir = values.get("data_dir")
-            setattr(config, name, section)
+        return OveroptConfig()
+    raw = read_config_file(path, "configs/overopt-smoke.yaml, overopt-cpu.yaml and overopt-paper.yaml")
+    data = raw.get("data")
+    if isinstance(data, dict) and "source" in data:
+        raise UmmrmError(f"data.source cannot be set in {path}: the proxies learn from the preferences the run writes to {GENERATED_DATA_SOURCE}.")
+    config = apply_config_mapping(OveroptConfig(), raw, SECTIONS, ("model", "output_dir"), str(path))
+    config.data.source = GENERATED_DATA_SOURCE
+    if not isinstance(data, dict) or "data_dir" not in data:
+        # DataConfig's default data_dir belongs to its default Hub source, not to the generated file
+        config.data.data_dir = None
     return config
 
 

@@ -19,10 +19,20 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ummrm.config import option
 from ummrm.data import MESSAGE_ROLES, _describe_source, _load_with_datasets, _looks_like_file_path, load_preferences, read_rows
 from ummrm.errors import UmmrmError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptSourceConfig:
+    source: str = option("Anthropic/hh-rlhf", "prompts: a Hub dataset id or a local file of instructions (instruction, input), prompts (prompt) or preference pairs")
+    hub_config: str | None = option(None, "Hub dataset configuration name, if the dataset has several")
+    data_dir: str | None = option("harmless-base", "folder inside the Hub dataset; ignored for local files")
+    hub_split: str = option("train", "Hub dataset split; ignored for local files")
+    max_rows: int | None = option(None, "read at most this many rows of the source (none: all)")
 
 
 @dataclass(frozen=True)

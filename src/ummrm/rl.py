@@ -48,9 +48,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from ummrm.config import add_section_arguments, apply_section_arguments, convert_value, option, section_from_dict
+from ummrm.config import add_section_arguments, apply_config_mapping, apply_section_arguments, convert_value, option, read_config_file
+from ummrm.prompts import PromptSourceConfig
 from ummrm.errors import UmmrmError
 
 logger = logging.getLogger(__name__)
@@ -108,12 +108,7 @@ class RewardTextConfig:
 
 
 @dataclass
-class PromptsConfig:
-    source: str = option("Anthropic/hh-rlhf", "prompts: a Hub dataset id or a local file of instructions, prompts or preference pairs (see ummrm.prompts)")
-    hub_config: str | None = option(None, "Hub dataset configuration name, if the dataset has several")
-    data_dir: str | None = option("harmless-base", "folder inside the Hub dataset; ignored for local files")
-    hub_split: str = option("train", "Hub dataset split; ignored for local files")
-    max_rows: int | None = option(None, "read at most this many rows of the source (none: all)")
+class PromptsConfig(PromptSourceConfig):
     max_prompts: int | None = option(512, "train on at most this many distinct prompts, drawn after shuffling with seed (none: all)")
     max_prompt_length: int = option(256, "skip prompts longer than this many policy tokens (chat template included)")
     seed: int = option(0, "seed of the prompt shuffle")
@@ -170,31 +165,13 @@ def load_rl_config(path: str | Path | None) -> RLConfig:
     """Read a YAML RL config; a missing file, an unknown key or a value of the wrong type is an error."""
     if path is None:
         return RLConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise UmmrmError(f"config file {path} not found; the presets are configs/rl-smoke.yaml and configs/rl-cpu.yaml in the ummrm repository.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UmmrmError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise UmmrmError(f"config file {path} must contain a mapping at the top level.")
+    raw = read_config_file(path, "configs/rl-smoke.yaml and configs/rl-cpu.yaml")
     return config_from_dict(raw, str(path))
 
 
 def config_from_dict(raw: dict, described: str = "the config") -> RLConfig:
     """Build an RLConfig from a mapping such as a parsed YAML file; unknown keys are errors."""
-    known = set(TOP_LEVEL) | set(SECTIONS)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UmmrmError(f"unknown key(s) {', '.join(unknown)} in {described}; known keys: {', '.join(sorted(known))}.")
-    config = RLConfig()
-    for key in set(TOP_LEVEL) & set(raw):
-        setattr(config, key, convert_value(raw[key], str, key))
-    for name, cls in SECTIONS.items():
-        if name in raw:
-            setattr(config, name, section_from_dict(cls, raw[name] or {}, name))
-    return config
+    return apply_config_mapping(RLConfig(), raw, SECTIONS, TOP_LEVEL, described)
 
 
 def check_config(config: RLConfig) -> None:
