@@ -103,7 +103,9 @@ def write_report(config, record: dict, rows: list[dict], costs: list[dict], outp
         "",
         "## Cost per reward",
         "",
-        "Scoring time was measured while scoring the pool, one model after another in one process.",
+        f"Each model scored the first {config.bon.timing_responses} pool responses with an ordinary forward pass "
+        "(no shared-trunk cache), one model after another in one process; an ensemble costs the sum of its "
+        "members. The seconds depend on the machine and its load at the time.",
         "",
         markdown_table(costs, [("method", "method"), ("forward passes", "forward_passes_per_reward"),
                        ("seconds per 1,000 responses", "seconds_per_1000_responses"), ("what", "description")]),
