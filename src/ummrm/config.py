@@ -209,7 +209,8 @@ def add_section_arguments(parser: argparse.ArgumentParser, cls, prefix: str = ""
         flag = "--" + (f"{prefix}." if prefix else "") + item.name.replace("_", "-")
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         group.add_argument(flag, dest=_dest(prefix, item.name), default=None, metavar=_metavar(item.type),
-                           help=f"{item.metadata.get('help', '')} (default: {default})")
+                           # argparse expands %-formats in help text, so a literal % (as in "95%") is doubled
+                           help=f"{item.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 
 
 def _metavar(annotation) -> str:
