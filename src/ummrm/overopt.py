@@ -589,7 +589,7 @@ def check_reference(reference: str, kind: str) -> str:
     """Check that a model or dataset reference resolves, and return how it was checked.
 
     Local paths and the SmolLM2 alias are checked fully. A Hub id is checked against the Hub when it
-    can be reached; otherwise only its form is checked, and the returned text says so.
+    can be reached. Otherwise only its form is checked, and the returned text states that.
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
