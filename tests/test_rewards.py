@@ -312,6 +312,37 @@ def test_response_survives_long_prompt_limit():
     assert ids[-1] == word_ids(tokenizer, 109, 110)[0], "the last response token was dropped"
 
 
+def test_pad_text_is_read_as_characters():
+    # load_tokenizer adds the pad token outside the vocabulary; its string in a text is then ordinary
+    # characters, here one unknown word, and the pad id never reaches the model
+    tokenizer = tiny_tokenizer(pad=False)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    encoder = RewardEncoder(tokenizer, max_length=64, text_format="plain")
+
+    ids = encode_plain(encoder, words(0, 3), "w10 <|pad|> w11")
+
+    assert ids == word_ids(tokenizer, 0, 3) + word_ids(tokenizer, 10, 11) + [tokenizer.unk_token_id] + word_ids(tokenizer, 11, 12)
+
+
+def test_pad_text_is_read_as_characters_when_truncated():
+    tokenizer = tiny_tokenizer(pad=False)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    encoder = RewardEncoder(tokenizer, max_length=8, max_prompt_length=2, text_format="plain")
+
+    ids = encode_plain(encoder, words(0, 10), "w10 <|pad|> w11")
+
+    # 10 prompt tokens and 3 response tokens: the prompt keeps its last 8 - 3 = 5
+    assert ids == word_ids(tokenizer, 5, 10) + word_ids(tokenizer, 10, 11) + [tokenizer.unk_token_id] + word_ids(tokenizer, 11, 12)
+
+
+def test_pad_in_vocabulary_cannot_be_read_as_characters():
+    # here "<pad>" is a vocabulary word, so its characters give the pad id again
+    encoder = RewardEncoder(tiny_tokenizer(), max_length=64, text_format="plain")
+
+    with pytest.raises(UmmrmError, match=r"the pad token '<pad>' cannot be encoded as plain text"):
+        encode_plain(encoder, words(0, 3), "w10 <pad> w11")
+
+
 def test_describe_reports_settings():
     tokenizer = tiny_tokenizer()
 

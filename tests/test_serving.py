@@ -114,6 +114,16 @@ def test_get_reward_equals_score_rows(start_server, model_and_tokenizer):
     assert_close(payload["rewards"], expected_query_rewards(model_and_tokenizer, QUERIES))
 
 
+def test_get_reward_reads_pad_text_as_characters(start_server, model_and_tokenizer):
+    # a policy can write the pad token's string; it is read as its characters, which this word-level
+    # tokenizer maps to <unk>, so the reward equals that of the same text ending in <unk>
+    server = start_server()
+    status, payload, _ = send(server, "POST", "/get_reward", {"query": ["the cat <|pad|>", "the cat <unk>"]})
+    assert status == 200, payload
+    assert abs(payload["rewards"][0] - payload["rewards"][1]) <= TOLERANCE, payload["rewards"]
+    assert_close(payload["rewards"], expected_query_rewards(model_and_tokenizer, ["the cat <unk>"] * 2))
+
+
 def test_get_reward_truncates_like_score(start_server, model_and_tokenizer):
     server = start_server(max_length=8, max_tokens=100)
     long_text = " ".join(["the cat sat on the mat"] * 5)
@@ -195,7 +205,6 @@ BAD_REQUESTS = [
     ("POST", "/get_reward", {"query": ["hello", ""]}, 422, r"query\[1\] is an empty string"),
     ("POST", "/get_reward", {"query": ["yes"] * 4}, 422, "has 4 items, over the limit of 3 items"),
     ("POST", "/get_reward", {"query": ["yes " * 11]}, 422, r"query\[0\] has 11 tokens, over the limit of 10 tokens"),
-    ("POST", "/get_reward", {"query": ["the cat <|pad|>"]}, 422, r"query\[0\]: the text contains the pad token"),
     ("POST", "/score", [{"prompt": "a", "response": "b"}], 422, "must be a JSON object"),
     ("POST", "/score", {"rows": []}, 422, "missing the field `items`"),
     ("POST", "/score", {"items": []}, 422, "`items` is an empty list"),

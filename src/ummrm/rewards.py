@@ -113,16 +113,36 @@ class RewardEncoder:
         encoding = self.tokenizer(
             text, add_special_tokens=self.text_format == "plain", return_offsets_mapping=True
         )
-        ids = encoding["input_ids"]
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         if self.pad_token_id in ids:
-            raise UmmrmError(
-                f"the text contains the pad token {self.tokenizer.pad_token!r}, which would make the reward depend on "
-                f"padding; remove it from the data. Text starts: {text[:80]!r}"
-            )
+            ids, offsets = self._pad_text_as_plain(ids, offsets)
         if len(ids) <= self.max_length:
             return ids
-        split = next((i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > response_start), len(ids))
+        split = next((i for i, (_, end) in enumerate(offsets) if end > response_start), len(ids))
         return self._truncate(ids[:split], ids[split:])
+
+    def _pad_text_as_plain(self, ids: list[int], offsets: list) -> tuple[list[int], list]:
+        """Replace each pad token id with the ids of the pad token's characters as ordinary text.
+
+        A text can contain the pad token's string, for example a policy's sample that writes "<|pad|>".
+        Read as the pad token, it would make training's pad-id pooling stop early; read as characters,
+        it is ordinary text and the reward does not depend on padding.
+        """
+        pieces = self.tokenizer(self.tokenizer.pad_token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self.pad_token_id in pieces:
+            raise UmmrmError(
+                f"the pad token {self.tokenizer.pad_token!r} cannot be encoded as plain text by this tokenizer; "
+                "remove it from the data."
+            )
+        new_ids, new_offsets = [], []
+        for token, offset in zip(ids, offsets):
+            if token == self.pad_token_id:
+                new_ids.extend(pieces)
+                new_offsets.extend([offset] * len(pieces))
+            else:
+                new_ids.append(token)
+                new_offsets.append(offset)
+        return new_ids, new_offsets
 
     def _truncate(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:
         kept_prompt = min(len(prompt_ids), self.max_prompt_length)
@@ -194,8 +214,8 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     A DDP or DeepSpeed wrapper synchronises gradients only through its ``forward``, so training calls
     the wrapped model itself. Its pooling reads the last token that is not the pad token, which is the
-    last real token because ummrm's pad token never occurs in the text (``RewardEncoder`` rejects
-    text that contains it). Position ids come from the mask, as in ``compute_rewards``.
+    last real token because ummrm's pad token never occurs in the ids (``RewardEncoder`` encodes
+    the pad token's string in a text as ordinary characters). Position ids come from the mask, as in ``compute_rewards``.
     """
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
