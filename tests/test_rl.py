@@ -186,6 +186,8 @@ def test_config_wrong_type_named():
     ({"gold": "g", "proxy": {"models": "p"}, "train": {"num_generations": 1}}, "train.num_generations"),
     ({"gold": "g", "proxy": {"models": "p"}, "train": {"beta": 0}}, "train.beta"),
     ({"gold": "g", "proxy": {"models": "p"}, "train": {"top_p": 1.5}}, "train.top_p"),
+    ({"gold": "g", "proxy": {"models": "p"}, "prompts": {"eval_prompts": -1}}, "prompts.eval_prompts"),
+    ({"gold": "g", "proxy": {"models": "p"}, "train": {"eval_steps": 0}}, "train.eval_steps"),
     ({"gold": "g", "proxy": {"models": "p,q", "objective": "median"}}, "median"),
     ({"gold": "runs/overopt-none/gold", "proxy": {"models": "p"}}, "runs/overopt-none/gold not found"),
     ({"gold": "g", "proxy": {"models": "p,./missing"}}, "proxy.models: reward model folder ./missing not found"),
@@ -231,12 +233,25 @@ def test_policy_without_chat_template(tiny_models):
 
 def test_prompts_filtered_and_capped(tiny_models):
     tokenizer = tiny_tokenizer()
-    selected = rl.prepare_prompts(rl.PromptsConfig(source=str(tiny_models["prompts"]), max_prompts=5), tokenizer)
+    selected, held_out = rl.prepare_prompts(rl.PromptsConfig(source=str(tiny_models["prompts"]), max_prompts=5), tokenizer)
     assert len(selected) == 5
+    assert held_out == []
     assert all(messages[-1]["role"] == "user" for messages in selected)
     # every prompt renders to 4 words plus 3 template tokens, so a 6-token limit rejects them all
     with pytest.raises(UmmrmError, match="max_prompt_length=6"):
         rl.prepare_prompts(rl.PromptsConfig(source=str(tiny_models["prompts"]), max_prompt_length=6), tokenizer)
+
+
+def test_held_out_prompts_disjoint(tiny_models):
+    tokenizer = tiny_tokenizer()
+    source = str(tiny_models["prompts"])
+    everything, _ = rl.prepare_prompts(rl.PromptsConfig(source=source, max_prompts=None), tokenizer)
+
+    selected, held_out = rl.prepare_prompts(rl.PromptsConfig(source=source, max_prompts=5, eval_prompts=3), tokenizer)
+
+    # the shuffled order is the same; the first 3 are held out and the next 5 train
+    assert held_out == everything[:3]
+    assert selected == everything[3:8]
 
 
 # ---------------------------------------------------------------- runs on tiny models
@@ -327,6 +342,46 @@ def test_crash_resumes_from_checkpoint(tiny_models, tmp_path, monkeypatch):
     assert record["status"] == "complete"
 
 
+def test_crash_resumes_with_evaluation(tiny_models, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    config = tiny_config_dict(tiny_models, output, eval_steps=2)
+    config["prompts"]["eval_prompts"] = 2
+    original_call = rl.RewardModelFunction.__call__
+    calls = {"gold": 0}
+
+    def crash_in_step_3(self, prompts, completions, **kwargs):
+        if self.__name__ == "gold":
+            calls["gold"] += 1
+            # gold batches: the start evaluation, steps 1 and 2, the evaluation at step 2, then step 3
+            if calls["gold"] == 5:
+                raise RuntimeError("simulated crash in step 3")
+        return original_call(self, prompts, completions, **kwargs)
+
+    monkeypatch.setattr(rl.RewardModelFunction, "__call__", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        rl.run_rl(rl.config_from_dict(config))
+    assert [int(row["step"]) for row in read_csv(output / rl.EVAL_CSV_NAME)] == [0, 2]
+
+    monkeypatch.setattr(rl.RewardModelFunction, "__call__", original_call)
+    record = rl.run_rl(rl.config_from_dict(config))
+
+    rows = read_csv(output / rl.EVAL_CSV_NAME)
+    assert record["resumed_from"].endswith("checkpoint-2")
+    assert [int(row["step"]) for row in rows] == [0, 2, 4]
+    assert set(rl.EVAL_CSV_COLUMNS) <= set(rows[0])
+    # the start evaluation samples from the initial policy, which is the reference
+    assert float(rows[0]["kl_per_token"]) == 0.0
+    assert any(float(row["kl_per_token"]) != 0.0 for row in rows[1:])
+    for row in rows:
+        # 2 prompts x 2 completions fill one evaluation batch, so the per-sequence KL is per-token KL times length
+        expected = float(row["kl_per_token"]) * float(row["completion_length"])
+        assert float(row["kl_per_sequence"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    golds = [float(row["gold_mean"]) for row in rows]
+    assert record["eval_peak_gold"]["gold_mean"] == pytest.approx(max(golds))
+    assert record["eval_last"]["step"] == 4
+    assert record["eval_prompts"] == 2
+
+
 def test_ensemble_run_logs_members(tiny_models, tmp_path):
     config = tiny_config_dict(tiny_models, tmp_path / "run", max_steps=2, save_steps=10)
     config["proxy"] = {"models": ",".join(str(path) for path in tiny_models["proxies"][:2]), "objective": "uncertainty"}
@@ -354,6 +409,24 @@ def test_plot_every_run(tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG")
     assert rl.read_run(tmp_path / "dense" / rl.CSV_NAME)["kl_per_sequence"] == [0.0, 1.5]
     assert math.isnan(rl.read_run(tmp_path / "dense" / rl.CSV_NAME)["gold_std"][0])
+
+
+def test_plot_with_evaluation(tmp_path):
+    history = [
+        {"step": 1, "kl_per_sequence": 0.0, "kl": 0.0, "rewards/proxy/mean": 0.1, "rewards/gold/mean": 0.2},
+        {"step": 2, "kl_per_sequence": 1.5, "kl": 0.1, "rewards/proxy/mean": 0.4, "rewards/gold/mean": 0.1},
+        {"step": 2, "eval_kl_per_sequence": 1.2, "eval_kl": 0.1, "eval_rewards/proxy/mean": 0.3, "eval_rewards/gold/mean": 0.15},
+    ]
+    start = {"step": 0, "eval_kl_per_sequence": 0.0, "eval_kl": 0.0, "eval_rewards/proxy/mean": 0.0, "eval_rewards/gold/mean": 0.2}
+    (tmp_path / rl.EVAL_START_NAME).write_text(json.dumps(start))
+
+    rl.write_csvs(tmp_path, history, member_count=1, evaluating=True)
+    path = rl.plot_runs(tmp_path)
+
+    assert rl.read_run(tmp_path / rl.EVAL_CSV_NAME)["gold_mean"] == [0.2, 0.15]
+    assert rl.read_run(tmp_path / rl.CSV_NAME)["step"] == [1.0, 2.0]
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert rl.evaluation_summary(tmp_path / rl.EVAL_CSV_NAME)["eval_peak_gold"]["step"] == 0.0
 
 
 def test_plot_without_runs(tmp_path):
@@ -416,3 +489,4 @@ def test_smoke_preset_on_smollm2(smollm2_reward_models, tmp_path, monkeypatch):
     assert len({row["gold_mean"] for row in rows}) > 1, "the gold score did not change over steps"
     assert float(rows[-1]["kl_per_sequence"]) != 0.0
     assert (output / rl.POLICY_FOLDER / "model.safetensors").is_file()
+    assert [int(row["step"]) for row in read_csv(output / rl.EVAL_CSV_NAME)] == [0, 2, 4]

@@ -258,7 +258,7 @@ def run_rl(arguments) -> int:
     record = rl.run_rl(rl.config_from_arguments(arguments))
     if record.get("status") == "complete":
         # secondary processes of a distributed launch return the record of a run still going
-        print(json.dumps({key: record.get(key) for key in ("steps", "seconds", "seconds_per_step", "last_row")}, indent=2))
+        print(json.dumps({key: record.get(key) for key in ("steps", "seconds", "seconds_per_step", "last_row", "eval_first", "eval_last", "eval_peak_gold") if key in record}, indent=2))
         print(f"outputs in {record['config']['output_dir']}")
     return 0
 

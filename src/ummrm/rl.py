@@ -32,6 +32,12 @@ sampled completions (the policy at sampling time, before that step's update):
 
 Both are Monte Carlo estimates of ``KL(pi || pi_ref)`` only when completions are sampled from the
 tempered policy itself, so ``top_p`` below 1 makes them biased, and ``run_rl`` logs a warning then.
+
+Each training step sees only ``batch_size / num_generations`` prompts, so its mean scores move with
+which prompts it drew as much as with the policy. With ``prompts.eval_prompts`` set, a fixed set of
+held-out prompts, disjoint from the training ones, is scored before the first step and every
+``train.eval_steps`` steps through TRL's evaluation loop (fresh samples from the current policy, the same
+rewards and KL). Those rows go to ``rl-eval.csv``, and the plot draws its line through them.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ from ummrm.errors import UmmrmError
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "rl.csv"
+EVAL_CSV_NAME = "rl-eval.csv"
+# the evaluation before the first step, kept apart because Trainer.train starts a fresh log history
+EVAL_START_NAME = "rl-eval-start.json"
 RUN_NAME = "run.json"
 PLOT_NAME = "rl.png"
 POLICY_FOLDER = "policy"
@@ -80,6 +89,18 @@ CSV_COLUMNS = {
     "loss": "loss",
     "learning_rate": "learning_rate",
     "step_time": "step_time",
+}
+# rl-eval.csv column -> key of TRL's logged evaluation metrics (prefixed with eval_ by RLOOTrainer.log)
+EVAL_CSV_COLUMNS = {
+    "step": "step",
+    "kl_per_sequence": "eval_kl_per_sequence",
+    "kl_per_token": "eval_kl",
+    "proxy_mean": f"eval_rewards/{PROXY_NAME}/mean",
+    "gold_mean": f"eval_rewards/{GOLD_NAME}/mean",
+    "proxy_std": f"eval_rewards/{PROXY_NAME}/std",
+    "gold_std": f"eval_rewards/{GOLD_NAME}/std",
+    "completion_length": "eval_completions/mean_length",
+    "clipped_ratio": "eval_completions/clipped_ratio",
 }
 MEMBER_METRIC_PREFIX = "proxy_member_"
 KL_DESCRIPTION = (
@@ -112,6 +133,7 @@ class PromptsConfig(PromptSourceConfig):
     max_prompts: int | None = option(512, "train on at most this many distinct prompts, drawn after shuffling with seed (none: all)")
     max_prompt_length: int = option(256, "skip prompts longer than this many policy tokens (chat template included)")
     seed: int = option(0, "seed of the prompt shuffle")
+    eval_prompts: int = option(0, "hold out this many prompts, disjoint from the training ones, and score the policy on them before the first step and every train.eval_steps steps (0: no evaluation)")
 
 
 @dataclass
@@ -127,6 +149,8 @@ class RLTrainConfig:
     normalize_advantages: bool = option(False, "scale each batch's advantages to mean 0 and standard deviation 1")
     logging_steps: int = option(1, "write a row of rl.csv every N optimiser steps (metrics averaged over them)")
     save_steps: int = option(25, "write a checkpoint every N optimiser steps")
+    eval_steps: int = option(10, "score the held-out prompts (prompts.eval_prompts) every N optimiser steps")
+    eval_generations: int = option(2, "completions sampled per held-out prompt at each evaluation")
     seed: int = option(0, "seed of sampling, data order and initialisation")
     bf16: bool = option(False, "train in bfloat16 mixed precision (GPUs that support it); false trains in fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower steps (TRL's own default is on)")
@@ -200,6 +224,7 @@ def check_config(config: RLConfig) -> None:
         )
     positive = {"train.max_steps": train.max_steps, "train.max_completion_length": train.max_completion_length,
                 "train.logging_steps": train.logging_steps, "train.save_steps": train.save_steps,
+                "train.eval_steps": train.eval_steps, "train.eval_generations": train.eval_generations,
                 "train.learning_rate": train.learning_rate, "train.temperature": train.temperature,
                 "reward.batch_size": config.reward.batch_size, "prompts.max_prompt_length": config.prompts.max_prompt_length}
     for name, value in positive.items():
@@ -209,6 +234,8 @@ def check_config(config: RLConfig) -> None:
         raise UmmrmError(f"train.top_p={train.top_p} is invalid: it must be in (0, 1].")
     if config.prompts.max_prompts is not None and config.prompts.max_prompts < 1:
         raise UmmrmError(f"prompts.max_prompts={config.prompts.max_prompts} is invalid: use at least 1, or none for all.")
+    if config.prompts.eval_prompts < 0:
+        raise UmmrmError(f"prompts.eval_prompts={config.prompts.eval_prompts} is invalid: use 0 for no evaluation, or a number of prompts.")
 
 
 def check_local_reference(name: str, reference: str) -> None:
@@ -380,8 +407,12 @@ class RewardModelFunction:
 
 # ---------------------------------------------------------------- prompts
 
-def prepare_prompts(config: PromptsConfig, tokenizer) -> list[list[dict]]:
-    """Load, shuffle and filter the training prompts; return them as TRL conversational prompts (message lists)."""
+def prepare_prompts(config: PromptsConfig, tokenizer) -> tuple[list[list[dict]], list[list[dict]]]:
+    """Load, shuffle and filter the prompts; return the training and held-out ones as TRL conversational prompts.
+
+    After the shuffle, the first ``eval_prompts`` prompts that fit are held out and the next
+    ``max_prompts`` train, so the two sets never share a prompt.
+    """
     from ummrm.prompts import load_prompts
 
     if not getattr(tokenizer, "chat_template", None):
@@ -397,7 +428,7 @@ def prepare_prompts(config: PromptsConfig, tokenizer) -> list[list[dict]]:
     order = sorted(prompts, key=lambda prompt: prompt.key)
     random.Random(config.seed).shuffle(order)
 
-    selected, too_long = [], 0
+    held_out, selected, too_long = [], [], 0
     for prompt in order:
         if config.max_prompts is not None and len(selected) >= config.max_prompts:
             break
@@ -406,14 +437,18 @@ def prepare_prompts(config: PromptsConfig, tokenizer) -> list[list[dict]]:
         if length > config.max_prompt_length:
             too_long += 1
             continue
-        selected.append(messages)
-    logger.info("training on %d prompts; skipped %d longer than %d policy tokens", len(selected), too_long, config.max_prompt_length)
+        (held_out if len(held_out) < config.eval_prompts else selected).append(messages)
+    logger.info(
+        "training on %d prompts, holding out %d for evaluation; skipped %d longer than %d policy tokens",
+        len(selected), len(held_out), too_long, config.max_prompt_length,
+    )
     if not selected:
         raise UmmrmError(
             f"no prompt of {config.source} fits in prompts.max_prompt_length={config.max_prompt_length} policy tokens "
             f"({too_long} were longer); raise the limit."
+            + (f" {len(held_out)} prompts were held out for evaluation (prompts.eval_prompts)." if held_out else "")
         )
-    return selected
+    return selected, held_out
 
 
 # ---------------------------------------------------------------- training
@@ -442,25 +477,39 @@ def _trainer_class():
     return SequenceKLRLOOTrainer
 
 
-def _csv_callback(csv_path: Path, member_count: int):
+def _csv_callback(output: Path, member_count: int, evaluating: bool):
     from transformers import TrainerCallback
 
     class CSVLogCallback(TrainerCallback):
-        """Rewrites rl.csv from the Trainer's log history at every log, so a resumed run keeps only the rows it restored."""
+        """Rewrites rl.csv (and rl-eval.csv) from the Trainer's log history at every log, so a resumed run keeps only the rows it restored."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero:
-                write_csv(csv_path, state.log_history, member_count)
+                write_csvs(output, state.log_history, member_count, evaluating)
 
     return CSVLogCallback()
 
 
-def write_csv(path: Path, log_history: list[dict], member_count: int = 0) -> int:
-    """Write one row per training log entry of ``log_history`` to ``path`` (atomically); return the row count."""
-    columns = dict(CSV_COLUMNS)
+def write_csvs(output: Path, log_history: list[dict], member_count: int, evaluating: bool) -> int:
+    """Write rl.csv and, when evaluating, rl-eval.csv (the start evaluation first); return rl.csv's row count."""
+    if evaluating:
+        start_path = output / EVAL_START_NAME
+        start = [json.loads(start_path.read_text())] if start_path.is_file() else []
+        write_csv(output / EVAL_CSV_NAME, start + log_history, member_count, EVAL_CSV_COLUMNS, "eval_")
+    return write_csv(output / CSV_NAME, log_history, member_count)
+
+
+def write_csv(path: Path, log_history: list[dict], member_count: int = 0, columns: dict | None = None, prefix: str = "") -> int:
+    """Write one row per log entry of ``log_history`` that has ``columns``' scores to ``path`` (atomically); return the row count.
+
+    ``columns`` maps CSV columns to logged keys (default ``CSV_COLUMNS``, the training rows);
+    ``prefix`` is the one TRL puts before the member metrics' names (``eval_`` for evaluation rows).
+    """
+    base = columns or CSV_COLUMNS
+    columns = dict(base)
     if member_count > 1:
-        columns.update({f"proxy_member_{index}_mean": f"{MEMBER_METRIC_PREFIX}{index}" for index in range(member_count)})
-    rows = [entry for entry in log_history if CSV_COLUMNS["proxy_mean"] in entry]
+        columns.update({f"proxy_member_{index}_mean": f"{prefix}{MEMBER_METRIC_PREFIX}{index}" for index in range(member_count)})
+    rows = [entry for entry in log_history if base["proxy_mean"] in entry]
     staging = path.with_name(path.name + ".partial")
     with staging.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -525,6 +574,7 @@ def trainer_arguments(config: RLConfig, checkpoints: Path):
         # the gold function is scored and logged at every step, but weight 0 keeps it out of the reward
         reward_weights=[1.0, 0.0],
         logging_steps=train.logging_steps,
+        **evaluation_arguments(config),
         save_strategy="steps",
         save_steps=train.save_steps,
         # the previous checkpoint is deleted only after the next one is complete
@@ -540,10 +590,26 @@ def trainer_arguments(config: RLConfig, checkpoints: Path):
     )
 
 
+def evaluation_arguments(config: RLConfig) -> dict:
+    """Return the RLOOConfig settings of the held-out evaluation: none when prompts.eval_prompts is 0."""
+    train = config.train
+    if not config.prompts.eval_prompts:
+        return {"eval_strategy": "no"}
+    # TRL needs the eval batch to hold whole prompt groups of num_generations_eval completions
+    batch_size = train.eval_generations * max(1, train.batch_size // train.eval_generations)
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": train.eval_steps,
+        "num_generations_eval": train.eval_generations,
+        "per_device_eval_batch_size": batch_size,
+    }
+
+
 def run_rl(config: RLConfig) -> dict:
     """Optimise ``config.policy`` against the proxy with RLOO, logging gold and proxy scores and the KL.
 
-    Writes ``rl.csv``, ``run.json``, ``rl.png`` and the trained policy into ``config.output_dir``. An
+    Writes ``rl.csv``, ``run.json``, ``rl.png`` and the trained policy into ``config.output_dir``, and
+    ``rl-eval.csv`` when ``prompts.eval_prompts`` holds prompts out. An
     interrupted run with the same settings resumes from its last complete checkpoint. A finished run
     with the same settings is not repeated, and one with other settings is an error. Returns the
     contents of run.json.
@@ -570,7 +636,7 @@ def run_rl(config: RLConfig) -> dict:
     gold = RewardModelFunction([config.gold], GOLD_NAME, text=config.reward)
     policy = resolve_model(config.policy)
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
-    prompts = prepare_prompts(config.prompts, tokenizer)
+    prompts, held_out = prepare_prompts(config.prompts, tokenizer)
 
     from datasets import Dataset
 
@@ -578,7 +644,7 @@ def run_rl(config: RLConfig) -> dict:
     resume = complete_checkpoint(checkpoints)
     record = {
         "status": "running", "config": config.to_dict(), "seed": config.train.seed, "versions": versions(),
-        "trainer": "trl.RLOOTrainer", "policy_resolved": policy, "prompts": len(prompts),
+        "trainer": "trl.RLOOTrainer", "policy_resolved": policy, "prompts": len(prompts), "eval_prompts": len(held_out),
         "reward_functions": {PROXY_NAME: proxy.describe(), GOLD_NAME: gold.describe()},
         "reward_weights": {PROXY_NAME: 1.0, GOLD_NAME: 0.0}, "kl": KL_DESCRIPTION,
         "resumed_from": str(resume) if resume else None,
@@ -591,31 +657,62 @@ def run_rl(config: RLConfig) -> dict:
         reward_funcs=[proxy, gold],
         args=trainer_arguments(config, checkpoints),
         train_dataset=Dataset.from_list([{"prompt": messages} for messages in prompts]),
+        eval_dataset=Dataset.from_list([{"prompt": messages} for messages in held_out]) if held_out else None,
         processing_class=tokenizer,
-        callbacks=[_csv_callback(output / CSV_NAME, len(config.proxy_models))],
+        callbacks=[_csv_callback(output, len(config.proxy_models), bool(held_out))],
     )
     proxy.to(trainer.accelerator.device)
     gold.to(trainer.accelerator.device)
 
+    start = time.perf_counter()
     if resume:
         logger.info("resuming from %s", resume)
-    start = time.perf_counter()
+    elif held_out:
+        _evaluate_start(trainer, output)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():
         return record
 
-    rows = write_csv(output / CSV_NAME, trainer.state.log_history, len(config.proxy_models))
+    rows = write_csvs(output, trainer.state.log_history, len(config.proxy_models), bool(held_out))
     _save_policy(trainer, policy_folder, settings)
     record.update({
         "status": "complete", "seconds": round(seconds, 1), "steps": trainer.state.global_step,
         "seconds_per_step": round(seconds / max(trainer.state.global_step - _step_of(resume), 1), 2),
         "rows": rows, "last_row": _last_row(output / CSV_NAME),
     })
+    if held_out:
+        record.update(evaluation_summary(output / EVAL_CSV_NAME))
     write_json(output / RUN_NAME, record)
     plot_runs(output)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return record
+
+
+def _evaluate_start(trainer, output: Path) -> None:
+    """Score the held-out prompts with the initial policy, and keep the row in rl-eval-start.json."""
+    from ummrm.pipeline import write_json
+
+    trainer.evaluate()
+    entry = next((entry for entry in reversed(trainer.state.log_history) if EVAL_CSV_COLUMNS["proxy_mean"] in entry), None)
+    if entry is None:
+        raise UmmrmError("the evaluation before the first step logged no rewards; TRL's evaluation metrics may have changed names.")
+    if trainer.is_world_process_zero():
+        write_json(output / EVAL_START_NAME, {**entry, "step": 0})
+
+
+def evaluation_summary(path: Path) -> dict:
+    """Return the first, last and peak-gold rows of an rl-eval.csv, for run.json and the closing summary."""
+    columns = read_run(path)
+    if not columns.get("step"):
+        return {}
+    gold = columns["gold_mean"]
+    peak = max(range(len(gold)), key=lambda index: -math.inf if math.isnan(gold[index]) else gold[index])
+
+    def row(index: int) -> dict:
+        return {name: values[index] for name, values in columns.items()}
+
+    return {"eval_first": row(0), "eval_last": row(len(gold) - 1), "eval_peak_gold": row(peak)}
 
 
 def _step_of(checkpoint: Path | None) -> int:
@@ -641,6 +738,12 @@ def _last_row(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------- plots
 
+def _eval_spacing(steps: list[float]) -> int:
+    """Return the most common gap between consecutive evaluation steps (the last may be shorter)."""
+    gaps = [int(later - earlier) for earlier, later in zip(steps, steps[1:])]
+    return max(set(gaps), key=gaps.count) if gaps else 0
+
+
 def read_run(csv_path: Path) -> dict[str, list[float]]:
     """Read an rl.csv into columns of floats (empty cells become NaN)."""
     with csv_path.open() as handle:
@@ -663,7 +766,9 @@ def plot_runs(folder: str | Path, output: str | Path | None = None) -> Path:
     """Plot gold and proxy score against the per-sequence KL for every run (rl.csv) under ``folder``; return the PNG path.
 
     Gold and proxy are on separate panels because the two reward models have unrelated scales. Dots
-    are the logged steps, and lines join moving averages of KL and score over consecutive steps.
+    are the logged steps. A run with ``rl-eval.csv`` gets a line with markers through its held-out
+    evaluations and a dashed line through moving averages of its training steps; a run without one
+    gets only the moving-average line, solid.
     """
     import matplotlib
 
@@ -688,10 +793,18 @@ def plot_runs(folder: str | Path, output: str | Path | None = None) -> Path:
         # one batch's KL and scores are noisy, so the line follows moving averages over the steps
         window = max(1, min(MAX_SMOOTHING_WINDOW, len(kl) // 10))
         smoothed_kl = moving_average(kl, window)
-        line, = gold_axes.plot(smoothed_kl, moving_average(columns["gold_mean"], window), label=f"{label} (mean of {window} steps)")
-        gold_axes.plot(kl, columns["gold_mean"], ".", color=line.get_color(), alpha=0.3)
-        proxy_axes.plot(smoothed_kl, moving_average(columns["proxy_mean"], window), color=line.get_color(), label=line.get_label())
-        proxy_axes.plot(kl, columns["proxy_mean"], ".", color=line.get_color(), alpha=0.3)
+        evaluation = read_run(csv_path.with_name(EVAL_CSV_NAME)) if csv_path.with_name(EVAL_CSV_NAME).is_file() else {}
+        style = {"linestyle": "--", "linewidth": 1} if evaluation.get("step") else {}
+        line, = gold_axes.plot(smoothed_kl, moving_average(columns["gold_mean"], window), label=f"{label}: training, mean of {window} steps", **style)
+        color = line.get_color()
+        gold_axes.plot(kl, columns["gold_mean"], ".", color=color, alpha=0.3)
+        proxy_axes.plot(smoothed_kl, moving_average(columns["proxy_mean"], window), color=color, label=line.get_label(), **style)
+        proxy_axes.plot(kl, columns["proxy_mean"], ".", color=color, alpha=0.3)
+        if evaluation.get("step"):
+            eval_kl = evaluation.get("kl_per_sequence") or evaluation["kl_per_token"]
+            eval_label = f"{label}: held-out prompts, every {_eval_spacing(evaluation['step'])} steps"
+            gold_axes.plot(eval_kl, evaluation["gold_mean"], "o-", color=color, label=eval_label)
+            proxy_axes.plot(eval_kl, evaluation["proxy_mean"], "o-", color=color, label=eval_label)
         plotted += 1
     for axes, title in ((gold_axes, "gold reward model"), (proxy_axes, "proxy reward model")):
         axes.set_xlabel("KL(policy || initial policy) per completion, nats")
