@@ -150,8 +150,18 @@ def test_rerun_recomputes_nothing(tiny_run, monkeypatch):
     monkeypatch.setattr(ummrm.training, "train_reward_model", forbidden)
     monkeypatch.setattr(ummrm.generation, "load_policy", forbidden)
     monkeypatch.setattr(ummrm.models, "load_reward_model", forbidden)
+    first = json.loads((output / "overopt.json").read_text())
     run_overopt(tiny_config(root, base, output))
     assert (output / "bon.csv").read_text() == before
+
+    # the re-run's near-zero step times are added to the first run's, not written over them
+    record = json.loads((output / "overopt.json").read_text())
+    assert [invocation["steps"] for invocation in record["invocations"][:1]] == [first["steps"]]
+    assert len(record["invocations"]) == 2
+    for name, step in record["steps_total"].items():
+        expected = first["steps"][name]["seconds"] + record["steps"][name]["seconds"]
+        assert step["seconds"] == pytest.approx(expected, abs=0.011)
+    assert "summed and maximised over the 2 invocation(s)" in (output / "report.md").read_text()
 
 
 def test_same_seed_same_table(tiny_run, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -563,9 +564,47 @@ def run_overopt(config: OveroptConfig) -> dict:
     write_csv(output / "costs.csv", costs, ("method", "forward_passes_per_reward", "seconds_per_1000_responses", "description"))
     write_plots(rows, output)
     record["summary"] = summarise(rows)
+    record["invocations"] = previous_invocations(output / "overopt.json") + [{"finished": utc_now(), "steps": steps}]
+    record["steps_total"] = total_steps(record["invocations"])
     write_json(output / "overopt.json", record)
     write_report(config, record, rows, costs, output)
     return record
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def previous_invocations(path: Path) -> list[dict]:
+    """Return the step records of the invocations that built this folder before, from its overopt.json."""
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON; the step times of earlier invocations are lost", path)
+        return []
+    if "invocations" in old:
+        return old["invocations"]
+    # written before invocations were kept: its steps are those of the latest invocation only
+    return [{"finished": None, "steps": old["steps"]}] if "steps" in old else []
+
+
+def total_steps(invocations: list[dict]) -> dict:
+    """Return, per step, the seconds summed and the peak memory maximised over ``invocations``.
+
+    A re-run reuses the cached output of each finished step in about no time, and a resumed step
+    does only its missing part, so the sum is the time the step's output took to make.
+    """
+    total: dict[str, dict] = {}
+    for invocation in invocations:
+        for name, step in invocation["steps"].items():
+            into = total.setdefault(name, {"seconds": 0.0})
+            into["seconds"] = round(into["seconds"] + step.get("seconds", 0.0), 2)
+            for key in ("peak_rss_mib", "peak_cuda_mib"):
+                if key in step:
+                    into[key] = max(into.get(key, 0.0), step[key])
+    return total
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -121,10 +121,12 @@ def write_report(config, record: dict, rows: list[dict], costs: list[dict], outp
         json.dumps(record["config"], indent=2),
         "```",
         "",
-        "Step times (seconds) and peak memory (MiB):",
+        f"Step times (seconds) and peak memory (MiB), summed and maximised over the {len(record.get('invocations', [])) or 1} "
+        "invocation(s) that built this folder: a re-run reuses each finished step in about no time, and a resumed step "
+        "redoes only its missing part. `overopt.json` lists each invocation's own times.",
         "",
         "```json",
-        json.dumps(record["steps"], indent=2),
+        json.dumps(record.get("steps_total", record["steps"]), indent=2),
         "```",
         "",
     ]
