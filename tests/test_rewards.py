@@ -313,8 +313,8 @@ def test_response_survives_long_prompt_limit():
 
 
 def test_pad_text_is_read_as_characters():
-    # load_tokenizer adds the pad token outside the vocabulary; its string in a text is then ordinary
-    # characters, here one unknown word, and the pad id never reaches the model
+    # load_tokenizer adds the pad token outside the vocabulary. Its string in a text is then ordinary
+    # characters (here one unknown word), so the pad id never reaches the model.
     tokenizer = tiny_tokenizer(pad=False)
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     encoder = RewardEncoder(tokenizer, max_length=64, text_format="plain")

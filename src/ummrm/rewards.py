@@ -125,8 +125,8 @@ class RewardEncoder:
         """Replace each pad token id with the ids of the pad token's characters as ordinary text.
 
         A text can contain the pad token's string, for example a policy's sample that writes "<|pad|>".
-        Read as the pad token, it would make training's pad-id pooling stop early; read as characters,
-        it is ordinary text and the reward does not depend on padding.
+        Read as the pad token, it would make training's pad-id pooling stop early. Read as characters,
+        it is ordinary text, so the reward does not depend on padding.
         """
         pieces = self.tokenizer(self.tokenizer.pad_token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if self.pad_token_id in pieces:

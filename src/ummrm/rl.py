@@ -33,8 +33,8 @@ sampled completions (the policy at sampling time, before that step's update):
 Both are Monte Carlo estimates of ``KL(pi || pi_ref)`` only when completions are sampled from the
 tempered policy itself, so ``top_p`` below 1 makes them biased, and ``run_rl`` logs a warning then.
 
-Each training step sees only ``batch_size / num_generations`` prompts, so its mean scores move with
-which prompts it drew as much as with the policy. With ``prompts.eval_prompts`` set, a fixed set of
+Each training step samples only ``batch_size / num_generations`` prompts, so its mean scores move
+with which prompts it drew as much as with the policy. With ``prompts.eval_prompts`` set, a fixed set of
 held-out prompts, disjoint from the training ones, is scored before the first step and every
 ``train.eval_steps`` steps through TRL's evaluation loop (fresh samples from the current policy, the same
 rewards and KL). Those rows go to ``rl-eval.csv``, and the plot draws its line through them.
@@ -767,7 +767,7 @@ def plot_runs(folder: str | Path, output: str | Path | None = None) -> Path:
 
     Gold and proxy are on separate panels because the two reward models have unrelated scales. Dots
     are the logged steps. A run with ``rl-eval.csv`` gets a line with markers through its held-out
-    evaluations and a dashed line through moving averages of its training steps; a run without one
+    evaluations and a dashed line through moving averages of its training steps. A run without one
     gets only the moving-average line, solid.
     """
     import matplotlib
