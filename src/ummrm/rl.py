@@ -481,7 +481,10 @@ def _csv_callback(output: Path, member_count: int, evaluating: bool):
     from transformers import TrainerCallback
 
     class CSVLogCallback(TrainerCallback):
-        """Rewrites rl.csv (and rl-eval.csv) from the Trainer's log history at every log, so a resumed run keeps only the rows it restored."""
+        """Rewrites rl.csv, and rl-eval.csv when evaluating, from the Trainer's log history at every log.
+
+        A resumed run's log history has only the rows its checkpoint restored, so the CSVs keep only those.
+        """
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero:
@@ -505,11 +508,11 @@ def write_csv(path: Path, log_history: list[dict], member_count: int = 0, column
     ``columns`` maps CSV columns to logged keys (default ``CSV_COLUMNS``, the training rows);
     ``prefix`` is the one TRL puts before the member metrics' names (``eval_`` for evaluation rows).
     """
-    base = columns or CSV_COLUMNS
-    columns = dict(base)
+    columns = dict(columns or CSV_COLUMNS)
+    proxy_key = columns["proxy_mean"]
     if member_count > 1:
         columns.update({f"proxy_member_{index}_mean": f"{prefix}{MEMBER_METRIC_PREFIX}{index}" for index in range(member_count)})
-    rows = [entry for entry in log_history if base["proxy_mean"] in entry]
+    rows = [entry for entry in log_history if proxy_key in entry]
     staging = path.with_name(path.name + ".partial")
     with staging.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -702,7 +705,7 @@ def _evaluate_start(trainer, output: Path) -> None:
 
 
 def evaluation_summary(path: Path) -> dict:
-    """Return the first, last and peak-gold rows of an rl-eval.csv, for run.json and the closing summary."""
+    """Return the first, last and highest-gold rows of an rl-eval.csv, for run.json and the CLI's output."""
     columns = read_run(path)
     if not columns.get("step"):
         return {}
